@@ -337,7 +337,7 @@ def _target_list(model, wrapped):
     return sorted(wrapped)
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Write through a temporary file then rename, so a crash never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -384,8 +384,8 @@ def save_adapter(model, output_dir, base_model_name):
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2)
 
-    _atomic_write(weights_path, write_weights)
-    _atomic_write(os.path.join(output_dir, ADAPTER_CONFIG), write_config)
+    atomic_write(weights_path, write_weights)
+    atomic_write(os.path.join(output_dir, ADAPTER_CONFIG), write_config)
     return weights_path
 
 
