@@ -192,12 +192,13 @@ def build_parser(description=""):
 
 
 def load_config(argv=None):
-    """defaults < --config YAML < flags. Returns (Config, args namespace with config/debug)."""
+    """defaults < --config YAML < flags. Returns (Config, set of keys given as flags)."""
     args = build_parser().parse_args(argv)
     values = read_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update({k: v for k, v in vars(args).items() if k in FIELDS})  # flag 優先於 YAML
+    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
+    values.update(flags)  # flag 優先於 YAML
     cfg = Config(**{k: _coerce(k, v) for k, v in values.items()})
-    return validate(cfg), args
+    return validate(cfg), set(flags)
 
 
 def as_dict(cfg):

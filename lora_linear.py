@@ -88,9 +88,10 @@ class _LoRABase(nn.Module):
         return lora_A, lora_B
 
     def _lora_path(self, x, lora_A, lora_B):
-        """(..., in) -> (..., out_slice): dropout(x) @ A.T @ B.T * scaling, computed in float32."""
+        """(..., in) -> (..., out_slice): dropout(x) @ A.T * scaling @ B.T, computed in float32."""
         x = self.lora_dropout(x.to(lora_A.weight.dtype))
-        return lora_B(lora_A(x)) * self.scaling  # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out)
+        # scaling 乘在只有 r 寬的中間結果上（同一個數學式）：比乘在 out 寬的輸出上，forward、backward 各省一次全寬的乘法
+        return lora_B(lora_A(x) * self.scaling)  # (..., in) @ (in, r) -> (..., r) · scaling @ (r, out) -> (..., out)
 
     def delta_weights(self):
         """Yield (output rows, ΔW = B @ A * scaling [rows, in]) — what merge() folds into W0."""
@@ -254,7 +255,9 @@ def target_candidates(model):
 
 
 def _set_module(model, name, module):
+    """Replace the submodule `name`; the new module takes over its train/eval mode (dropout!)."""
     parent, _, child = name.rpartition(".")
+    module.train(model.get_submodule(name).training)
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 

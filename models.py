@@ -195,7 +195,6 @@ def load_model_and_tokenizer(name: str, offline_fallback: str | None = BUNDLED_M
                             "--model smollm2-135m (bundled), a local directory, or set offline_fallback: smollm2-135m")
         model, tokenizer, fallback_info = load_model_and_tokenizer(offline_fallback, offline_fallback=None, dtype=dtype)
         info = ModelInfo(name, fallback_info.used, fallback_info.source, reason, fallback_info.max_positions)
-        print(fallback_banner(info), flush=True)
         return model, tokenizer, info
 
     model, tokenizer, source = loaded

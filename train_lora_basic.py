@@ -27,7 +27,7 @@ from config import Config, as_dict, load_config
 from data import load_texts, make_blocks
 from errors import UserError
 from lora_linear import LoRAError, atomic_write, count_parameters, inject_lora, lora_state_dict, save_adapter
-from models import generation_pad_id, load_model_and_tokenizer
+from models import fallback_banner, generation_pad_id, load_model_and_tokenizer
 from utils import memory_breakdown, model_comparison_text, perplexity, plot_loss_curve
 
 OUTPUT_FILES = ("adapter_model.bin", "adapter_config.json", "training_metrics.json", "checkpoint.pt")
@@ -72,15 +72,16 @@ def pick_device(cfg, log):
     return device, torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
 
 
-def apply_cpu_budget(cfg, log):
-    """On CPU, cap steps / block length / accumulation / eval blocks by the cpu_* keys (smaller value wins)."""
+def apply_cpu_budget(cfg, flags, log):
+    """On CPU, cap steps / block length / accumulation / eval blocks by the cpu_* keys (smaller value wins).
+    A value typed as a flag (e.g. --max_steps 200) is never capped: what you type wins."""
     changes = []
     caps = [("max_steps", cfg.cpu_max_steps), ("max_length", cfg.cpu_max_length),
             ("gradient_accumulation_steps", cfg.cpu_gradient_accumulation_steps),
             ("eval_max_blocks", cfg.cpu_eval_max_blocks)]
     for key, cap in caps:
         value = getattr(cfg, key)
-        if cap is not None and (value is None or value > cap):
+        if key not in flags and cap is not None and (value is None or value > cap):
             setattr(cfg, key, cap)
             changes.append(f"{key} {value} -> {cap}")
     if changes:
@@ -152,14 +153,14 @@ def step_batches(train, step, steps_per_epoch, cfg):
 
 
 # ----------------------------------------------------------------------------------------------- main job
-def run(cfg, log):
+def run(cfg, log, flags=frozenset()):
     start_time = time.time()
     if cfg.resume:
         cfg = resume_config(cfg.resume)
         log(f"Resuming {cfg.output}/ with its saved config")
     torch.manual_seed(cfg.seed)
     device, amp = pick_device(cfg, log)
-    budget = apply_cpu_budget(cfg, log) if device == "cpu" and not cfg.resume else []
+    budget = apply_cpu_budget(cfg, flags, log) if device == "cpu" and not cfg.resume else []
     out = prepare_output(cfg, log)
     log.open(out / "training_log.txt")
     log("Config:\n" + yaml.safe_dump(as_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
@@ -169,7 +170,7 @@ def run(cfg, log):
     weight_dtype = amp if amp is not None else torch.float32  # 凍結的權重可以直接存成半精度
     model, tokenizer, info = load_model_and_tokenizer(cfg.model, cfg.offline_fallback, dtype=weight_dtype)
     if info.fallback_reason:
-        log(f"NOTE: using {info.used} instead of {info.requested}: {info.fallback_reason}")
+        log(fallback_banner(info))
     if info.max_positions and cfg.max_length > info.max_positions:
         raise UserError(f"max_length {cfg.max_length} exceeds {info.used}'s context of {info.max_positions} "
                         f"tokens: pass --max_length {min(info.max_positions, 1024)} or less")
@@ -374,8 +375,8 @@ def main(argv=None):
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     log = Log()
     try:
-        cfg, _ = load_config(argv)
-        run(cfg, log)
+        cfg, flags = load_config(argv)
+        run(cfg, log, flags)
     except (UserError, LoRAError) as e:
         if debug:
             raise

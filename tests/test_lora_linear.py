@@ -210,6 +210,19 @@ def test_unknown_target_lists_candidates():
         inject_lora(tiny_llama(), ["c_attn"], 8, 16)
 
 
+def test_wrapped_layers_keep_the_models_train_eval_mode(tmp_path):
+    model = tiny_gpt2()  # eval mode
+    inject_lora(model, ["c_attn"], 2, 4, dropout=0.5)
+    randomize_lora(model)
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(logits(model), logits(model))  # no dropout in eval mode: deterministic
+    save_adapter(model, tmp_path, "tiny")
+    reloaded = tiny_gpt2()
+    load_adapter(reloaded, tmp_path)
+    assert not any(m.training for m in reloaded.modules())
+    torch.testing.assert_close(logits(reloaded), logits(model))
+
+
 def test_inject_twice_is_an_error():
     model = tiny_gpt2()
     inject_lora(model, ["c_attn"], 2, 4)
