@@ -310,7 +310,7 @@ def count_parameters(model):
 # ---------------------------------------------------------------------------------------------------------------
 # Adapter 檔案：PEFT 的磁碟格式，讓 peft.PeftModel.from_pretrained 直接讀得懂
 # ---------------------------------------------------------------------------------------------------------------
-def _peft_tensors(name, layer):
+def peft_tensors(name, layer):
     """PEFT tensors of one layer: (rank, alpha, {key: tensor}).
 
     q/v slices become ONE c_attn LoRA of rank n·r: A' = [A_q; A_v] ([n·r, in]) and a block-structured
@@ -358,7 +358,7 @@ def save_adapter(model, output_dir, base_model_name):
         raise LoRAError("the model has no LoRA layers to save: call inject_lora first")
     state, ranks, alphas = {}, {}, {}
     for name, layer in layers.items():
-        ranks[name], alphas[name], tensors = _peft_tensors(name, layer)
+        ranks[name], alphas[name], tensors = peft_tensors(name, layer)
         state.update({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
     any_layer = next(iter(layers.values()))
     r, lora_alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]

