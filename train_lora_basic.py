@@ -55,6 +55,10 @@ class Log:
         self.file = open(path, "a", encoding="utf-8")
         self.file.write("\n".join(self.lines) + "\n")
 
+    def close(self):
+        if self.file:
+            self.file.close()
+
 
 # ----------------------------------------------------------------------------------------------- setup
 def pick_device(cfg, log):
@@ -93,7 +97,7 @@ def prepare_output(cfg, log):
     """Make sure --output is writable *before* training; move an earlier run aside instead of overwriting it."""
     out = Path(cfg.output)
     if not cfg.resume and out.is_dir() and any((out / f).exists() for f in OUTPUT_FILES):
-        backup = out.with_name(f"{out.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+        backup = unused_path(out.with_name(f"{out.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}"))
         out.rename(backup)
         log(f"NOTE: {out}/ already held a run; moved it to {backup}/ (nothing is overwritten)")
     try:
@@ -194,8 +198,9 @@ def run(cfg, log, flags=frozenset()):
     # 3. 注入 LoRA：凍結全部，只訓練 lora_A / lora_B --------------------------------------------------------------
     wrapped = inject_lora(model, cfg.target_modules, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
     trainable, total = count_parameters(model)
-    log(f"LoRA on {len(wrapped)} layers ({', '.join(cfg.target_modules)}): {trainable:,} trainable of {total:,} "
-        f"parameters ({100 * trainable / total:.3f}%)")
+    log(f"LoRA on {len(wrapped)} layers ({', '.join(cfg.target_modules)}): {trainable:,} trainable parameters, "
+        f"{100 * trainable / (total - trainable):.3f}% of the base model's {total - trainable:,} "
+        f"({(total - trainable) / trainable:,.0f}x fewer)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # 暖身 + 衰減：用 transformers 現成的排程
@@ -238,6 +243,7 @@ def run(cfg, log, flags=frozenset()):
 
     # 4. 訓練後 ---------------------------------------------------------------------------------------------
     metrics["status"] = "finished"
+    metrics["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     metrics["samples"]["after"] = sample(model, tokenizer, cfg, device)
     log(f"Sample after training:  {cfg.sample_prompt!r} -> {metrics['samples']['after']!r}")
     save_adapter(model, out, info.used)
@@ -358,14 +364,19 @@ def write_reports(model, metrics, out, weight_dtype, device):
     plot_loss_curve(metrics, out / "training_loss_curve.png")
 
 
+def unused_path(path):
+    """`path`, or `path-1`, `path-2` ... if it exists (two runs can finish within the same second)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return candidate
+
+
 def write_results_record(metrics, cfg):
     """results/<time>_<output name>.json: one record per finished run, never overwritten (for utils.py compare)."""
     results = Path(cfg.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{Path(cfg.output).name}"
-    path, n = results / f"{stem}.json", 1
-    while path.exists():
-        path, n = results / f"{stem}-{n}.json", n + 1
+    path = unused_path(results / f"{time.strftime('%Y%m%d-%H%M%S')}_{Path(cfg.output).name}.json")
     record = metrics | {"output_dir": str(Path(cfg.output).resolve())}
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(record, indent=2)))
     return path
@@ -389,6 +400,8 @@ def main(argv=None):
                  "distilgpt2")
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        log.close()
 
 
 if __name__ == "__main__":

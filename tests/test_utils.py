@@ -239,7 +239,7 @@ def test_generate_never_swaps_in_another_model(tmp_path, monkeypatch):
                                                              "r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]}))
     monkeypatch.setattr(models, "hub_is_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(models, "_cached_folder", lambda name: None)
-    monkeypatch.setattr(models, "_bundled_folder", lambda: pytest.fail("generate fell back to the bundled model"))
+    monkeypatch.setattr(models, "bundled_folder", lambda: pytest.fail("generate fell back to the bundled model"))
     with pytest.raises(SystemExit) as e:
         utils.main(["generate", "--adapter", str(adapter)])
     assert e.value.code.startswith("error: base model 'gpt2' unavailable, and generate never swaps in another model")
