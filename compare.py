@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from errors import UserError
-from utils import MB, ema
+from utils import MiB, ema
 
 # 這些 key 不改變「學到什麼、量到什麼」，分組時忽略：
 IGNORED_KEYS = {
@@ -160,7 +160,7 @@ RIGHT = {"trainable params", "% of base model", "adapter size", "train time"}  #
 
 
 def size_text(n_bytes):
-    return f"{n_bytes / MB:.2f} MB" if n_bytes >= 0.1 * MB else f"{n_bytes / 1024:.1f} KB"
+    return f"{n_bytes / MiB:.2f} MiB" if n_bytes >= 0.1 * MiB else f"{n_bytes / 1024:.1f} KiB"
 
 
 def time_text(seconds):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from errors import UserError
 
-MB = 1024 ** 2
+MiB = 1024 ** 2  # 本專案的記憶體與檔案大小都以 MiB（2^20 bytes）為單位
 ADAMW_STATES = 2  # AdamW 每個可訓練參數存兩個狀態：一階動量 m、二階動量 v
 
 
@@ -57,12 +57,12 @@ def model_comparison_text(metrics):
         f"  reduction                {base / trainable:>15,.1f}x fewer trainable parameters",
         "",
         "Files",
-        f"  adapter_model.bin        {metrics['adapter_bytes'] / MB:>12.2f} MB",
-        f"  full fp32 checkpoint     {4 * base / MB:>12.2f} MB   ({4 * base / metrics['adapter_bytes']:,.0f}x larger)",
+        f"  adapter_model.bin        {metrics['adapter_bytes'] / MiB:>12.2f} MiB",
+        f"  full fp32 checkpoint     {4 * base / MiB:>12.2f} MiB   ({4 * base / metrics['adapter_bytes']:,.0f}x larger)",
         "",
         *memory_table_lines(mem["computed"], mem["weight_dtype"]),
         "",
-        f"Measured peak memory of this run ({mem['measured_kind']}): {mem['measured_bytes'] / MB:,.0f} MB",
+        f"Measured peak memory of this run ({mem['measured_kind']}, model loading included): {mem['measured_bytes'] / MiB:,.0f} MiB",
     ]
     return "\n".join(lines) + "\n"
 
@@ -74,7 +74,7 @@ def memory_table_lines(computed, weight_dtype):
              f"  {'':24} {'full fine-tune':>15} {'LoRA':>12}"]
     full, lora = computed["full_finetune"], computed["lora"]
     for key in ("weights", "gradients", "optimizer", "total"):
-        lines.append(f"  {key:24} {full[key] / MB:>12.1f} MB {lora[key] / MB:>9.1f} MB")
+        lines.append(f"  {key:24} {full[key] / MiB:>11.1f} MiB {lora[key] / MiB:>8.1f} MiB")
     lines.append(f"  {'ratio':24} {computed['ratio']:>15.2f}x")
     return lines
 
@@ -222,10 +222,10 @@ def inspect(args, out=print):
     out(f"  total with LoRA                {total:>15,}")
     out(f"  => {trainable:,} trainable of {base_total:,} parameters: {base_total / trainable:,.1f}x fewer than "
         "full fine-tuning")
-    out(f"  adapter_model.bin              {file_bytes / MB:>12.2f} MB   (float32 tensors in PEFT format"
+    out(f"  adapter_model.bin              {file_bytes / MiB:>12.2f} MiB   (float32 tensors in PEFT format"
         + (f"; {file_bytes // 4:,} numbers: the q/k/v slices of each c_attn are stored as ONE c_attn LoRA of "
            "rank r x slices, with zero rows for the slices not chosen)" if file_bytes != 4 * trainable else ")"))
-    out(f"  full fp32 checkpoint           {4 * base_total / MB:>12.2f} MB   "
+    out(f"  full fp32 checkpoint           {4 * base_total / MiB:>12.2f} MiB   "
         f"({4 * base_total / file_bytes:,.0f}x the adapter)")
     out("")
     weight_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[args.weight_dtype]
@@ -329,7 +329,7 @@ def generate(args, out=print):
 
 # ----------------------------------------------------------------------------------------------- command line
 def run_compare(args):
-    from compare import compare  # compare.py 用到本檔的 ema、MB：在這裡才 import，避免循環 import
+    from compare import compare  # compare.py 用到本檔的 ema、MiB：在這裡才 import，避免循環 import
 
     compare(args.results_dir, args.by)
 
