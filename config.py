@@ -143,6 +143,11 @@ def validate(cfg):
                  "eval_max_blocks"):
         value = getattr(cfg, name)
         checks.append((value is None or value > 0, f"{name} must be >= 1 or null, got {value}"))
+    from transformers import SchedulerType  # transformers.get_scheduler 認得的名稱
+
+    schedulers = [t.value for t in SchedulerType]
+    checks.append((cfg.lr_scheduler in schedulers,
+                   f"lr_scheduler must be one of {', '.join(schedulers)}, got {cfg.lr_scheduler!r}"))
     for ok, message in checks:
         if not ok:
             raise UserError(message)

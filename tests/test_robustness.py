@@ -58,6 +58,7 @@ def tiny(model_dir, corpus, *extra):
     (["--batch_size", "0"], ["batch_size must be >= 1"]),
     (["--gradient_accumulation_steps", "0"], ["gradient_accumulation_steps must be >= 1"]),
     (["--config", "missing.yaml"], ["config file not found: missing.yaml"]),
+    (["--lr_scheduler", "cosin"], ["lr_scheduler must be one of", "cosine", "got 'cosin'"]),
 ])
 def test_config_errors(tmp_path, args, fragments):
     assert_one_line_error(cli(*args, cwd=tmp_path), *fragments)
