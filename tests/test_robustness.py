@@ -185,8 +185,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_adapter(tmp_path, tiny_gpt
 
 def test_ctrl_c_saves_a_loadable_adapter_and_metrics(tmp_path, tiny_gpt2_dir, corpus_txt):
     args = tiny(tiny_gpt2_dir, corpus_txt, "--max_steps", 100000, "--eval_steps", 100000)
+    # 在背景執行的 shell（例如 `bash .ci/run &`）底下，子行程繼承「忽略 SIGINT」，Python 就不會把它變成
+    # KeyboardInterrupt；像在終端機裡一樣，先把 SIGINT 還原成預設。
     proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # wait until training has really started
         if line.startswith("LoRA on"):
             break
