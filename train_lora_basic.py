@@ -27,8 +27,8 @@ from config import Config, as_dict, load_config
 from data import load_texts, make_blocks
 from errors import UserError
 from lora_linear import LoRAError, atomic_write, count_parameters, inject_lora, lora_state_dict, save_adapter
-from models import fallback_banner, generation_pad_id, load_model_and_tokenizer
-from utils import memory_breakdown, model_comparison_text, perplexity, plot_loss_curve
+from models import fallback_banner, load_model_and_tokenizer
+from utils import greedy_text, memory_breakdown, model_comparison_text, perplexity, plot_loss_curve
 
 OUTPUT_FILES = ("adapter_model.bin", "adapter_config.json", "training_metrics.json", "checkpoint.pt")
 CHECKPOINT = "checkpoint.pt"
@@ -134,15 +134,13 @@ def evaluate(model, blocks, cfg, device, amp):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, cfg, device):
+def sample(model, tokenizer, cfg):
     """Greedy continuation of cfg.sample_prompt (deterministic, so before/after are comparable)."""
     was_training = model.training
     model.eval()
-    enc = tokenizer(cfg.sample_prompt, return_tensors="pt").to(device)
-    out = model.generate(**enc, max_new_tokens=cfg.sample_max_new_tokens, do_sample=False,
-                         pad_token_id=generation_pad_id(tokenizer))
+    text = greedy_text(model, tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens)
     model.train(was_training)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------- data order
@@ -192,7 +190,7 @@ def run(cfg, log, flags=frozenset()):
     # 2. 訓練前：基礎模型的驗證 loss 與生成樣本 -----------------------------------------------------------------
     base_val_loss = evaluate(model, val, cfg, device, amp)
     log(f"Base model validation loss {base_val_loss:.4f} (perplexity {perplexity(base_val_loss):.2f})")
-    sample_before = sample(model, tokenizer, cfg, device)
+    sample_before = sample(model, tokenizer, cfg)
     log(f"Sample before training: {cfg.sample_prompt!r} -> {sample_before!r}")
 
     # 3. 注入 LoRA：凍結全部，只訓練 lora_A / lora_B --------------------------------------------------------------
@@ -244,7 +242,7 @@ def run(cfg, log, flags=frozenset()):
     # 4. 訓練後 ---------------------------------------------------------------------------------------------
     metrics["status"] = "finished"
     metrics["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    metrics["samples"]["after"] = sample(model, tokenizer, cfg, device)
+    metrics["samples"]["after"] = sample(model, tokenizer, cfg)
     log(f"Sample after training:  {cfg.sample_prompt!r} -> {metrics['samples']['after']!r}")
     save_adapter(model, out, info.used)
     metrics["wall_time_s"] = time.time() - start_time

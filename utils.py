@@ -235,19 +235,27 @@ def inspect(args, out=print):
 
 
 # ----------------------------------------------------------------------------------------------- generate
-def greedy(model, tokenizer, prompt, max_new_tokens):
-    """Greedy continuation of prompt (deterministic: the same model gives the same text) -> (text, prompt logits)."""
+def greedy_text(model, tokenizer, prompt, max_new_tokens):
+    """Greedy continuation of prompt (deterministic: the same model gives the same text)."""
     import torch
 
     from models import generation_pad_id
 
-    device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     with torch.no_grad():
-        logits = model(**enc).logits[0].float().cpu()  # (T, V)：合併前後比一比，看差多少
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=generation_pad_id(tokenizer))
-    return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True), logits
+    return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def greedy(model, tokenizer, prompt, max_new_tokens):
+    """greedy_text plus the prompt's logits (T, V), to show how much merging changes them."""
+    import torch
+
+    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(**enc).logits[0].float().cpu()  # (T, V)：合併前後比一比，看差多少
+    return greedy_text(model, tokenizer, prompt, max_new_tokens), logits
 
 
 def adapter_summary(adapter_dir, adapter_config):
